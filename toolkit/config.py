@@ -37,7 +37,7 @@ class ModelConfig:
     norm_placement: Literal["pre", "post"] = "pre"
     norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    ffn_type: Literal["gelu", "relu", "swiglu"] = "gelu"
+    ffn_type: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"  # gelu_tanh: tanh-approximate GELU (GPT-2)
     ffn_mult: float = 4.0  # hidden width = ffn_mult * d_model (rounded), unless d_ff is set
     d_ff: int = 0
     n_experts: int = 0  # 0 = dense feed-forward; >= 2 = mixture of experts

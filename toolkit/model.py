@@ -2,7 +2,7 @@
 
 Reference design: token embedding + positional encoding (learned | sinusoidal | rope) -> N blocks of
 [multi-head causal self-attention with Q/K/V projections (optionally grouped-query), residual, norm
-(pre | post, layernorm | rmsnorm), feed-forward (gelu | relu | swiglu) or a noisy top-k mixture of
+(pre | post, layernorm | rmsnorm), feed-forward (gelu | gelu_tanh | relu | swiglu) or a noisy top-k mixture of
 experts] -> final norm -> output head (optionally tied) -> logits.
 
 Parameter names follow the Hugging Face Llama layout (embed_tokens, layers.N.self_attn.q_proj,
@@ -132,6 +132,8 @@ class FeedForward(nn.Module):
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         elif self.kind == "relu":
             h = F.relu(self.up_proj(x))
+        elif self.kind == "gelu_tanh":  # GPT-2's "gelu_new"
+            h = F.gelu(self.up_proj(x), approximate="tanh")
         else:
             h = F.gelu(self.up_proj(x))
         return self.down_proj(h)

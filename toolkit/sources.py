@@ -1,7 +1,9 @@
-"""Where a PyTorch reference model comes from: a toolkit checkpoint (or training run folder).
+"""Where a PyTorch reference model comes from: a toolkit checkpoint (or training run folder), or a local
+Hugging Face folder (GPT-2 / Llama / Qwen2, see toolkit/hf.py).
 
-Commands that accept "a checkpoint" resolve it here, so other sources (e.g. a Hugging Face directory)
-plug in at one place.
+Commands that accept "a checkpoint" resolve it here, so other sources plug in at one place. A folder is
+taken as Hugging Face when its config.json is an HF config ("architectures" / "model_type") rather than a
+toolkit checkpoint's ("format": "edgekit-checkpoint/1").
 """
 
 from __future__ import annotations
@@ -13,29 +15,20 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import ModelConfig
-from .errors import DataError
+from .runtime.prompt import check_prompt  # noqa: F401  (shared with the on-device runtime)
 from .runtime.textstream import stream_text
-from .tokenizer import EOS, encode
+from .tokenizer import EOS
 
 
 def load_reference(source: str | Path):
-    """(model in eval mode, tokenizer) from a checkpoint or run folder."""
-    model, tok, _ = checkpoint.load(source)
+    """(model in eval mode, tokenizer) from a checkpoint, run folder or local Hugging Face folder."""
+    from . import hf
+
+    if hf.is_hf_dir(source):
+        model, tok, _ = hf.load(source)
+    else:
+        model, tok, _ = checkpoint.load(source)
     return model, tok
-
-
-def check_prompt(cfg: ModelConfig, tok, prompt: str) -> list[int]:
-    """Prompt ids; refuses (never silently truncates) an empty prompt or one that fills the context."""
-    ids = encode(tok, prompt)
-    if not ids:
-        raise DataError("the prompt is empty (it tokenizes to no tokens)")
-    if len(ids) >= cfg.context_len:
-        raise DataError(
-            f"the prompt is {len(ids)} tokens; the model's context window is {cfg.context_len} "
-            f"(prompts are refused, not truncated: shorten it)"
-        )
-    return ids
 
 
 def generate_text(source, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -44,5 +37,9 @@ def generate_text(source, prompt: str, max_new_tokens: int = 64, temperature: fl
     ids = check_prompt(model.cfg, tok, prompt)
     rng = np.random.default_rng(seed)
     eos = tok.token_to_id(EOS)
+    if eos is None:  # a Hugging Face tokenizer: its own end-of-text token
+        from .hf import eos_id
+
+        eos = eos_id(source, tok)
     new = model.generate(torch.tensor([ids]), max_new_tokens, temperature, top_k, top_p, eos_id=eos, rng=rng)
     return stream_text(tok, new)

@@ -4,6 +4,10 @@ progress bar, JSONL metrics, atomic checkpoints, bit-exact resume and torchrun d
 Data parallelism: under `torchrun --nproc_per_node N -m toolkit train ...` each rank takes an
 interleaved 1/N slice of the same global batch (training.batch_size), gradients are averaged by
 DistributedDataParallel (gloo on CPU, nccl on GPU), and only rank 0 writes files.
+
+Other objectives (distillation, toolkit/distill.py) reuse this loop through keyword hooks of `train`:
+`loss_fn` replaces the next-token loss, `tokenizer` replaces training one, `eos_id` sets the document
+separator, `extra_meta` is recorded in run.json and every checkpoint's config.json.
 """
 
 from __future__ import annotations
@@ -36,6 +40,14 @@ def lr_at(step: int, tc: TrainConfig) -> float:
         return tc.lr * (step + 1) / tc.warmup_steps
     progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def next_token_loss(out, x: torch.Tensor, y: torch.Tensor, step: int):
+    """The default objective: next-token cross-entropy (+ the MoE load-balancing loss).
+    A loss_fn returns (loss to minimise, cross-entropy for logging, {extra metric name: float})."""
+    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+    loss = ce if out.aux_loss is None else ce + out.aux_loss
+    return loss, ce, {}
 
 
 def make_optimizer(model: Transformer, tc: TrainConfig) -> torch.optim.AdamW:
@@ -99,8 +111,14 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool):
 
 
 def train(recipe: Recipe, out: str | Path, corpus: str | None = None, resume: bool = False,
-          overwrite: bool = False, init_from: str | None = None, progress: bool = True) -> Path:
-    """Train (or resume, or fine-tune from `init_from`) and return the final checkpoint folder."""
+          overwrite: bool = False, init_from: str | None = None, progress: bool = True, *,
+          loss_fn=None, tokenizer=None, eos_id: int | None = None, extra_meta: dict | None = None) -> Path:
+    """Train (or resume, or fine-tune from `init_from`) and return the final checkpoint folder.
+
+    Hooks (all optional): loss_fn(out, x, y, step) -> (loss, ce, extras), see next_token_loss;
+    tokenizer: use this tokenizer for a fresh run instead of training one; eos_id: the token put between
+    documents (default: the tokenizer's <|eos|>); extra_meta: merged into run.json and checkpoint meta."""
+    loss_fn = loss_fn or next_token_loss
     tc = recipe.training
     out = Path(out)
     ddp = setup_distributed()
@@ -124,7 +142,7 @@ def train(recipe: Recipe, out: str | Path, corpus: str | None = None, resume: bo
         model, tok, src = checkpoint.load(init_from)
     docs = load_documents(corpus)
     if not resume and not init_from:
-        tok = _train_tokenizer_once(docs, recipe, out, ddp)
+        tok = tokenizer if tokenizer is not None else _train_tokenizer_once(docs, recipe, out, ddp)
         cfg = recipe.model
         cfg.vocab_size = tok.get_vocab_size()
         torch.manual_seed(tc.seed)
@@ -135,7 +153,7 @@ def train(recipe: Recipe, out: str | Path, corpus: str | None = None, resume: bo
     if tc.batch_size % ddp.world:
         raise ConfigError(f"training.batch_size ({tc.batch_size}) must be divisible by the {ddp.world} processes")
 
-    tokens = tokenize_documents(tok, docs, tok.token_to_id(EOS))
+    tokens = tokenize_documents(tok, docs, eos_id if eos_id is not None else tok.token_to_id(EOS))
     train_tokens, val_tokens = split(tokens, tc.val_fraction, tc.seq_len)
 
     model.train()
@@ -154,14 +172,14 @@ def train(recipe: Recipe, out: str | Path, corpus: str | None = None, resume: bo
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         run_info = {"recipe": recipe.to_dict(), "corpus": None if corpus is None else str(corpus),
                     "init_from": init_from, "params": model.num_params(), "world_size": ddp.world,
-                    "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens))}
+                    "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens)), **(extra_meta or {})}
         (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
         metrics_path = out / "metrics.jsonl"
         if resume and metrics_path.is_file():  # drop records logged after the checkpoint we resume from
             kept = [l for l in metrics_path.read_text(encoding="utf-8").splitlines() if json.loads(l)["step"] <= start_step]
             metrics_path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
         metrics = open(metrics_path, "a", encoding="utf-8")
-    meta = {"recipe": recipe.name, "corpus": None if corpus is None else str(corpus)}
+    meta = {"recipe": recipe.name, "corpus": None if corpus is None else str(corpus), **(extra_meta or {})}
 
     def save(step):
         if ddp.main:
@@ -180,9 +198,8 @@ def train(recipe: Recipe, out: str | Path, corpus: str | None = None, resume: bo
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = get_batch(train_tokens, step, tc.batch_size, tc.seq_len, tc.seed, ddp.rank, ddp.world)
-        out_ = engine(torch.from_numpy(x))
-        ce = F.cross_entropy(out_.logits.flatten(0, 1).float(), torch.from_numpy(y).flatten())
-        loss = ce if out_.aux_loss is None else ce + out_.aux_loss
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        loss, ce, extras = loss_fn(engine(x), x, y, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -197,7 +214,7 @@ def train(recipe: Recipe, out: str | Path, corpus: str | None = None, resume: bo
             tok_s = window_tokens / max(elapsed, 1e-9)
             bar.set_postfix(loss=f"{ce.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
             record = {"step": done, "loss": round(ce.item(), 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
-                      "tok_s": round(tok_s, 1)}
+                      "tok_s": round(tok_s, 1), **{k: round(float(v), 5) for k, v in extras.items()}}
             if eval_now:
                 val = evaluate(model, val_tokens, tc.seq_len, tc.batch_size, tc.eval_batches)
                 record.update(val_loss=round(val, 5), val_ppl=round(math.exp(val), 3))
