@@ -1,0 +1,189 @@
+"""First divergence: which layer's hidden state is the first to leave tolerance.
+
+Method 1, graph surgery (any variant: fp32, fp16, quantized). The dynamo exporter stamps every ONNX node
+with the PyTorch module scopes it came from (metadata `pkg.torch.onnx.name_scopes`, e.g.
+['', 'layers.1', 'layers.1.mlp']). A block's output is the (B, T, d_model) float tensor that a node in
+`layers.i` produces and a node outside `layers.i` consumes; the embeddings (hidden state 0) are the
+(B, T, d_model) tensor produced outside every block and consumed by `layers.0`. Nodes added after export
+(quantizers, casts) carry no scope and inherit the scope of their first input's producer. Those tensors are
+added as extra graph outputs, one teacher-forced window runs on the target (through toolkit.runtime), and each
+is compared with the PyTorch reference's `hidden_states`.
+
+Method 2, debug export (fp32 only, when the graph carries no scopes): re-export the reference with
+`export_onnx(..., debug_hidden=True)` and run it on the target: that localises exporter or
+runtime faults. Otherwise the result is "n/a" with the reason.
+
+Error per hidden state: relative L2 error ||h - h_ref|| / ||h_ref|| over the window, and the max abs error.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .parity_metrics import DEFAULT_HIDDEN_REL_ERR, FALLBACK_HIDDEN_REL_ERR
+
+LAYER_SCOPE = re.compile(r"(?:^|\.)layers\.(\d+)$")
+TOP = -1  # scope of nodes outside every block
+
+
+def _node_layer(node) -> int | None:
+    """Block index from the exporter's scope metadata; TOP when scoped but outside blocks; None if unscoped."""
+    md = {p.key: p.value for p in node.metadata_props}
+    scopes = md.get("pkg.torch.onnx.name_scopes")
+    if scopes is not None:
+        names = [s.strip().strip("'\"") for s in scopes.strip("[]").split(",")]
+    elif "namespace" in md:
+        names = [seg.split(":")[0].strip() for seg in md["namespace"].split("/")]
+    else:
+        return None
+    for name in names:
+        m = LAYER_SCOPE.search(name)
+        if m:
+            return int(m.group(1))
+    return TOP
+
+
+def block_output_candidates(graph, n_layers: int) -> dict[int, list[str]]:
+    """hidden-state index j (0 = embeddings, i+1 = output of block i) -> candidate tensor names, in
+    production order. Empty when the graph carries no scope metadata."""
+    producer_scope: dict[str, int] = {}
+    scopes = []
+    any_scoped = False
+    for node in graph.node:
+        scope = _node_layer(node)
+        any_scoped |= scope is not None
+        if scope is None:  # inserted after export: inherit from the first input's producer
+            scope = next((producer_scope[i] for i in node.input if i in producer_scope), TOP)
+        scopes.append(scope)
+        for out in node.output:
+            producer_scope[out] = scope
+    if not any_scoped:
+        return {}
+    found: dict[int, list[str]] = {}
+    for node, scope in zip(graph.node, scopes):
+        for name in node.input:
+            src = producer_scope.get(name)
+            if src is None or src == scope:
+                continue
+            if src >= 0 and scope != src:  # leaves block src
+                j = src + 1
+            elif src == TOP and scope == 0:  # enters block 0 from outside
+                j = 0
+            else:
+                continue
+            if name not in found.setdefault(j, []):
+                found[j].append(name)
+    return {j: v for j, v in found.items() if j <= n_layers}
+
+
+def _run_graph(path: Path, cfg, target, precision: str, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of the graph at `path` for one no-cache forward of ids (1, T), on the target."""
+    from .runtime import load_model_file
+
+    session = load_model_file(path, cfg, target, precision)
+    return session.run(session.feeds(ids))
+
+
+def _compare(ref_hidden: list[np.ndarray], cand: dict[int, np.ndarray], ref_logits, cand_logits, tol: float) -> dict:
+    per_layer, first = [], None
+    for j, ref in enumerate(ref_hidden):
+        if j not in cand:
+            per_layer.append({"hidden_state": j, "rel_err": None, "max_abs": None})
+            continue
+        h = cand[j].astype(np.float64)
+        r = ref.astype(np.float64)
+        diff = h - r
+        rel = float(np.linalg.norm(diff) / max(np.linalg.norm(r), 1e-30)) if np.isfinite(h).all() else float("inf")
+        entry = {"hidden_state": j, "rel_err": rel, "max_abs": float(np.max(np.abs(diff)))}
+        per_layer.append(entry)
+        if first is None and not rel <= tol:
+            first = entry
+    head = None
+    if ref_logits is not None and cand_logits is not None:
+        d = cand_logits.astype(np.float64) - ref_logits.astype(np.float64)
+        rel = float(np.linalg.norm(d) / max(np.linalg.norm(ref_logits), 1e-30)) if np.isfinite(d).all() else float("inf")
+        head = {"rel_err": rel, "max_abs": float(np.max(np.abs(d)))}
+    for e in per_layer:  # JSON: infinity as null
+        for k in ("rel_err", "max_abs"):
+            if e[k] is not None and not np.isfinite(e[k]):
+                e[k] = None
+    out = {"tolerance": tol, "per_layer": per_layer, "logits": head, "largest_jump": None}
+    errs = [e["rel_err"] for e in per_layer]
+    jumps = [(b - a, j) for j, (a, b) in enumerate(zip(errs, errs[1:]), 1) if a is not None and b is not None]
+    if jumps:  # for quantized variants, where every layer adds a little: the block that adds the most
+        inc, j = max(jumps)
+        out["largest_jump"] = {"layer": j - 1, "hidden_state": j, "increase": inc}
+    if first is not None:
+        j = first["hidden_state"]
+        where = "embeddings (hidden state 0)" if j == 0 else f"output of block {j - 1} (layers.{j - 1}, hidden state {j})"
+        out.update(status="found", layer=None if j == 0 else j - 1, hidden_state=j, where=where,
+                   rel_err=first["rel_err"], max_abs=first["max_abs"])
+    elif head is not None and not head["rel_err"] <= tol:
+        out.update(status="found", layer="head", hidden_state=None,
+                   where="final norm / output head (every block output is within tolerance)",
+                   rel_err=head["rel_err"], max_abs=head["max_abs"])
+    else:
+        out.update(status="none", layer=None, reason=f"every hidden state and the logits of a teacher-forced "
+                   f"window are within the localisation tolerance ({tol:g}): no single layer stands out (the error "
+                   "is spread over the layers; see largest_jump) or it lies in the KV-cache / decode path")
+    return out
+
+
+def locate(model_path: Path, target, ref_model, ids: np.ndarray, precision: str, tol: float | None = None) -> dict:
+    """Graph surgery on the candidate ONNX file, run on `target`; {"status": "found"|"none"|"n/a", ...}."""
+    import onnx
+    import torch
+
+    tol = tol if tol is not None else DEFAULT_HIDDEN_REL_ERR.get(precision, FALLBACK_HIDDEN_REL_ERR)
+    cfg = ref_model.cfg
+    with torch.no_grad():
+        ref_out = ref_model(torch.from_numpy(ids), output_hidden_states=True)
+    model = onnx.load(str(model_path))
+    cands = block_output_candidates(model.graph, cfg.n_layers)
+    if not cands:
+        return {"status": "n/a", "reason": "the candidate graph carries no module-scope metadata to locate block outputs"}
+    existing = {o.name for o in model.graph.output}
+    for name in dict.fromkeys(n for j in sorted(cands) for n in cands[j] if n not in existing):
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    with tempfile.TemporaryDirectory(prefix="edgekit-debug-") as tmp:
+        path = Path(tmp) / "debug.onnx"
+        onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_500_000_000)
+        del model
+        values = _run_graph(path, cfg, target, precision, ids)
+    want = (1, ids.shape[1], cfg.d_model)
+    cand_hidden = {}
+    for j, tensors in cands.items():
+        fits = [values[n] for n in tensors if n in values and values[n].shape == want
+                and np.issubdtype(values[n].dtype, np.floating)]
+        if fits:
+            cand_hidden[j] = fits[-1]  # the last one produced: the block's final residual / norm
+    missing = [j for j in range(cfg.n_layers + 1) if j not in cand_hidden]
+    if missing:
+        return {"status": "n/a", "reason": f"could not locate hidden states {missing} in the candidate graph"}
+    result = _compare([h.numpy() for h in ref_out.hidden_states], cand_hidden, ref_out.logits.numpy(),
+                      values.get("logits"), tol)
+    result["method"] = "graph-surgery"
+    return result
+
+
+def locate_by_debug_export(ref_model, target, ids: np.ndarray, tol: float | None = None) -> dict:
+    """fp32 only: re-export the reference with hidden-state outputs and run it on the target."""
+    import torch
+
+    from .export import export_onnx
+
+    tol = tol if tol is not None else DEFAULT_HIDDEN_REL_ERR["fp32"]
+    with torch.no_grad():
+        ref_out = ref_model(torch.from_numpy(ids), output_hidden_states=True)
+    with tempfile.TemporaryDirectory(prefix="edgekit-debug-") as tmp:
+        path = export_onnx(ref_model, Path(tmp) / "debug.onnx", debug_hidden=True)
+        values = _run_graph(path, ref_model.cfg, target, "fp32", ids)
+    n = ref_model.cfg.n_layers
+    cand = {j: values[f"hidden_states.{j}"] for j in range(n + 1) if f"hidden_states.{j}" in values}
+    result = _compare([h.numpy() for h in ref_out.hidden_states], cand, ref_out.logits.numpy(), values.get("logits"), tol)
+    result["method"] = "debug-export"
+    return result
