@@ -13,10 +13,14 @@ from .session import Session, load_model_file
 from .session import load as _load_dynamic
 
 
-def load(bundle, target="cpu", precision="fp32"):
-    """runtime.Session for a bundle variant; static-shape targets (NPUs) get a runtime.static.StaticSession."""
+def load(bundle, target="cpu", precision=None):
+    """runtime.Session for a bundle variant; static-shape targets (NPUs) get a runtime.static.StaticSession.
+    precision None = the target profile's first (preferred) precision: fp32 on cpu, a16w8 on qnn-htp."""
+    from ..targets import get as get_target
     from .static import load_static, wants_static
 
+    if precision is None:
+        precision = (get_target(target) if isinstance(target, str) else target).precisions[0]
     if wants_static(target):
         return load_static(bundle, target, precision)
     return _load_dynamic(bundle, target, precision)
