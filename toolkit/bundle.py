@@ -286,6 +286,10 @@ class Bundle:
     def _check_model_file(self, model_rel: str, listed: set[str]):
         path = _safe_path(self.root, model_rel, "model file")
         base = PurePosixPath(model_rel).parent
+        if model_rel.endswith(".xml"):  # OpenVINO IR: its weights are the sibling .bin, which must be listed
+            if model_rel[:-4] + ".bin" not in listed:
+                raise BundleError(f"{model_rel}: OpenVINO IR weights {model_rel[:-4] + '.bin'!r} are not listed in the bundle manifest")
+            return
         for loc in onnx_external_locations(path):
             try:
                 rel = check_relpath(loc, "external data location")
