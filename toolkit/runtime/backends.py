@@ -59,6 +59,12 @@ class OnnxRuntimeBackend(Backend):
     ("disable" | "basic" | "extended" | "all"). target.plugin: a Python package shipping a plugin EP
     library, registered with onnxruntime.register_execution_provider_library and selected with
     SessionOptions.add_provider_for_devices.
+
+    Defaults chosen by measurement (BENCHMARKS.md): sequential execution (one decode step is a chain of
+    small nodes; parallel node execution only adds scheduling), and on the CPU EP
+    `session.intra_op.allow_spinning` = 0 — spinning worker threads waiting for the next node cost up to
+    1.8x in decode speed with 2 threads on a loaded machine, and nothing measurable with 1; a target
+    can turn it back on with session_config = { "session.intra_op.allow_spinning" = "1" }.
     """
 
     name = "onnxruntime"
@@ -76,8 +82,12 @@ class OnnxRuntimeBackend(Backend):
                 "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                 "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                 "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-        for key, value in dict(opts.get("session_config", {})).items():
-            so.add_session_config_entry(str(key), str(value))
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        config = {str(k): str(v) for k, v in dict(opts.get("session_config", {})).items()}
+        if provider == "CPUExecutionProvider":
+            config.setdefault("session.intra_op.allow_spinning", "0")
+        for key, value in config.items():
+            so.add_session_config_entry(key, value)
         if provider != "CPUExecutionProvider":
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         return so, {str(k): str(v) for k, v in dict(opts.get("provider_options", {})).items()}
