@@ -29,6 +29,13 @@ calls with min_new_tokens = max_new_tokens. Greedy tokens of every row are compa
 read bandwidth at the same thread count, and the floor time per token
 max(2 x params / FLOP/s, weight bytes / bandwidth) of the fp32 model.
 Writes WORK/report/compare.json and compare.md.
+
+    python scripts/compare_runtimes.py --ab BUNDLE A=graph_a.onnx B=graph_b.onnx [--threads 2]
+    python scripts/compare_runtimes.py --ab BUNDLE spin=g.onnx@session.intra_op.allow_spinning=1 nospin=g.onnx
+
+A/B mode: decode speed of graph files with the bundle's config (the runtime's decode loop, or @decoder=shared |
+plain; ONNX Runtime session config entries after @), interleaved rounds, each measurement in a fresh process
+(BENCHMARKS.md history).
 """
 
 from __future__ import annotations
@@ -366,7 +373,68 @@ def w_ceilings(spec):
             "gemv_in_cache_gflops": gemv / 1e9, "device": f"torch {torch.__version__}, {spec['threads']} threads"}
 
 
-WORKERS = {"edgekit": w_edgekit, "ort-genai": w_genai, "openvino-genai": w_openvino, "transformers": w_transformers,
+def w_ab(spec):
+    """One graph file of an A/B: a bare ONNX file with the bundle's config, the runtime's decoder
+    (in-place KV for a fused graph), optional ONNX Runtime session config entries."""
+    import dataclasses
+
+    from toolkit import targets
+    from toolkit.bundle import Bundle
+    from toolkit.runtime import session as sessions
+
+    b = Bundle.open(spec["work"])
+    config = dict(spec.get("session_config", {}))
+    loop = config.pop("decoder", None)  # decoder=shared | plain forces the loop (e.g. an old fused graph)
+    t = targets.get("cpu")
+    t = dataclasses.replace(t, options={**t.options, "intra_op_num_threads": spec["threads"], "session_config": config})
+    s = sessions.load_model_file(spec["path"], b.model_config, t, "fp32")
+    make = {"shared": sessions.SharedKVDecoder, "plain": sessions.Decoder}.get(loop, None)
+    holder = {}
+
+    def prefill(ids):
+        holder["d"] = make(s, _capacity(spec)) if make else s.decoder(_capacity(spec))
+        return holder["d"].prefill(ids)
+
+    timing = time_decoding(prefill, lambda tok: holder["d"].step(tok), spec["ids"], spec["new_tokens"], spec["repeats"])
+    return {**timing, "load_s": 0.0, "rss_base_mb": 0.0, "device": type(holder["d"]).__name__}
+
+
+def ab(argv):
+    """--ab BUNDLE LABEL=GRAPH[@KEY=VALUE,...] ... : decode speed of graph files (e.g. two builds of one
+    variant, or one graph under two session settings), interleaved rounds, each in a fresh process."""
+    ap = argparse.ArgumentParser(prog="compare_runtimes.py --ab")
+    ap.add_argument("bundle", help="the bundle whose config and tokenizer the graphs share")
+    ap.add_argument("graphs", nargs="+", metavar="LABEL=GRAPH[@KEY=VALUE,...]")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args(argv)
+    from toolkit.bundle import Bundle
+    from toolkit.tokenizer import load_tokenizer
+
+    ids = prompt_ids(load_tokenizer(Bundle.open(a.bundle).tokenizer_path), a.prompt_len)
+    specs = {}
+    for item in a.graphs:
+        label, _, rest = item.partition("=")
+        path, _, cfg = rest.partition("@")
+        config = dict(kv.split("=", 1) for kv in cfg.split(",") if kv)
+        specs[label] = {"runtime": "ab", "work": a.bundle, "path": path, "session_config": config, "ids": ids,
+                        "new_tokens": a.new_tokens, "repeats": a.repeats, "threads": a.threads}
+    got = {label: [] for label in specs}
+    for _ in range(a.rounds):
+        for label, spec in specs.items():
+            got[label].append(measure(spec))
+    for label, results in got.items():
+        r = pool(results)
+        print(f"{label:24s} " + (f"decode {r['decode_tok_s']:8.1f} tok/s  (min {min(r['decode_tok_s_all']):.1f}, max "
+                                 f"{max(r['decode_tok_s_all']):.1f}, n={len(r['decode_tok_s_all'])}, {r['device']})"
+                                 if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason')}"))
+    print(f"load average {os.getloadavg()}")
+
+
+WORKERS = {"ab": w_ab, "edgekit": w_edgekit, "ort-genai": w_genai, "openvino-genai": w_openvino, "transformers": w_transformers,
            "llama.cpp": w_llamacpp, "ceilings": w_ceilings}
 
 
@@ -413,6 +481,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 2 and argv[0] == "--worker":
         return worker(argv[1])
+    if argv and argv[0] == "--ab":
+        return ab(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", help="a llama-style toolkit checkpoint (or run folder)")
     ap.add_argument("--work", required=True, help="folder for the converted models and the report")

@@ -278,6 +278,10 @@ def evaluate(bundle: Bundle, target, precision: str, ref: Reference, debug: bool
         res.update(status="fail", reason=f"cannot load {variant.name} on {target.name}: {exc}")
         res["failures"] = [res["reason"]]
         return res
+    picked = getattr(session, "variant", None)  # the runtime may prefer another variant (e.g. a fused graph)
+    if getattr(picked, "name", variant.name) != variant.name:
+        variant = picked
+        res.update(variant=variant.name, size_bytes=_variant_bytes(bundle, variant))
     res["actual_precision"] = actual_precision(session, precision)
     try:
         metrics, series = compare(session, ref, settings["near_tie_margin"])

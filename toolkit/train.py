@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,8 +191,9 @@ def train(recipe: Recipe, out: str | Path, corpus: str | None = None, resume: bo
             checkpoint.save_run_checkpoint(out, step, model, tok, {**meta, "step": step}, train_state)
 
     tokens_per_step = tc.batch_size * tc.seq_len
+    interactive = sys.stderr.isatty()  # in logs (CI, nohup) redraw every 30 s instead of every step
     bar = tqdm(total=tc.steps, initial=start_step, desc=f"train {recipe.name}", disable=not (progress and ddp.main),
-               unit="step", dynamic_ncols=True)
+               unit="step", dynamic_ncols=True, mininterval=0.1 if interactive else 30.0)
     t0, window_tokens = time.perf_counter(), 0
     for step in range(start_step, tc.steps):
         lr = lr_at(step, tc)

@@ -142,7 +142,8 @@ class OpenVINOBackend(Backend):
     """OpenVINO, device from target.device (CPU | GPU | NPU). target.options: compile config entries.
 
     INFERENCE_PRECISION_HINT (unless target.options sets it): OpenVINO's CPU plugin otherwise computes in
-    bf16 on CPUs with AMX / AVX512-BF16 and drifts ~4e-2 from ONNX Runtime. fp32 -> f32 on CPU and GPU;
+    bf16 on CPUs with AMX / AVX512-BF16 and drifts ~4e-2 from ONNX Runtime. fp32, int8 and int4 (weight-
+    compressed) -> f32 activations on CPU and GPU;
     fp16 on CPU -> f16 where the CPU supports it, else f32 (fp16 weights, f32 arithmetic) — never bf16,
     which keeps fewer mantissa bits than the fp16 the variant promises.
     """
@@ -162,7 +163,8 @@ class OpenVINOBackend(Backend):
                                     f"(available: {', '.join(core.available_devices) or 'none'})")
         config = {str(k): str(v) for k, v in dict(target.options).items()}
         kind = device.split(".")[0]
-        if precision == "fp32" and kind in ("CPU", "GPU"):
+        if precision in ("fp32", "int8", "int4") and kind in ("CPU", "GPU"):
+            # int8 / int4 variants are weight-compressed: activations stay f32 (bf16 flipped 4% of top-1 on tiny)
             config.setdefault("INFERENCE_PRECISION_HINT", "f32")
         elif precision == "fp16" and kind == "CPU":  # f16 where the CPU has it; never bf16 (fewer mantissa bits)
             caps = core.get_property(device, "OPTIMIZATION_CAPABILITIES")
