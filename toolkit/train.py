@@ -214,7 +214,7 @@ def train(recipe: Recipe, out: str | Path, corpus: str | None = None, resume: bo
         if ddp.main and (done % 10 == 0 or eval_now):
             elapsed = time.perf_counter() - t0
             tok_s = window_tokens / max(elapsed, 1e-9)
-            bar.set_postfix(loss=f"{ce.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            bar.set_postfix(loss=f"{ce.item():.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=interactive)
             record = {"step": done, "loss": round(ce.item(), 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
                       "tok_s": round(tok_s, 1), **{k: round(float(v), 5) for k, v in extras.items()}}
             if eval_now:
