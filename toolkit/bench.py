@@ -36,7 +36,6 @@ This module imports no torch at module level; only the baseline worker does.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import platform
@@ -48,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .sysinfo import cpu_name, package_versions
 from .errors import ConfigError, DataError, TargetUnavailable, ToolkitError
 
 MARK = "EDGEKIT_BENCH_RESULT "
@@ -249,20 +249,8 @@ def prompt_ids(tok, n: int, text: str | None = None) -> list[int]:
 
 
 def machine(threads: int) -> dict:
-    versions = {}
-    for pkg in LIBRARIES:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    versions = package_versions(LIBRARIES)
+    cpu = cpu_name()
     try:
         import psutil
 

@@ -21,6 +21,18 @@ def _add_sampling(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=None)
 
 
+def _load_recipe(a):
+    """The recipe named on the command line, with --set, --steps and --seed applied as overrides."""
+    from .config import load_recipe
+
+    overrides = list(a.set)
+    if a.steps is not None:
+        overrides.append(f"training.steps={a.steps}")
+    if a.seed is not None:
+        overrides.append(f"training.seed={a.seed}")
+    return load_recipe(a.recipe, overrides)
+
+
 # --- train -----------------------------------------------------------------------------------------
 def configure_train(p):
     p.add_argument("recipe", help="recipe name in models/ (tiny, small, teacher, moe-tiny) or a .toml path")
@@ -36,15 +48,9 @@ def configure_train(p):
 
 
 def run_train(a):
-    from .config import load_recipe
     from .train import train
 
-    overrides = list(a.set)
-    if a.steps is not None:
-        overrides.append(f"training.steps={a.steps}")
-    if a.seed is not None:
-        overrides.append(f"training.seed={a.seed}")
-    recipe = load_recipe(a.recipe, overrides)
+    recipe = _load_recipe(a)
     out = a.out or f"runs/{recipe.name}"
     ckpt = train(recipe, out, corpus=a.corpus, resume=a.resume, overwrite=a.overwrite, init_from=a.init,
                  progress=not a.no_progress)
@@ -167,15 +173,9 @@ def configure_distill(p):
 
 
 def run_distill(a):
-    from .config import load_recipe
     from .distill import distill
 
-    overrides = list(a.set)
-    if a.steps is not None:
-        overrides.append(f"training.steps={a.steps}")
-    if a.seed is not None:
-        overrides.append(f"training.seed={a.seed}")
-    recipe = load_recipe(a.recipe, overrides)
+    recipe = _load_recipe(a)
     ckpt = distill(recipe, a.teacher, a.out, corpus=a.corpus, alpha=a.alpha, temperature=a.temperature,
                    top_k_cache=a.top_k_cache, cache_dir=a.cache_dir, resume=a.resume, overwrite=a.overwrite,
                    progress=not a.no_progress, overrides=a.set)

@@ -17,7 +17,6 @@ uses seed 0), i.e. in-distribution synthetic text; pass eval_text (--eval-text) 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 import platform
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .sysinfo import cpu_name, package_versions
 from . import targets as target_profiles
 from .bundle import Bundle, sha256_file
 from .errors import BundleError, CheckpointError, ConfigError, DataError, ParityFailure, TargetUnavailable, ToolkitError
@@ -324,21 +324,9 @@ def first_divergence(bundle: Bundle, variant, target, ref: Reference, settings: 
 
 # --- the run -----------------------------------------------------------------------------------------
 def environment() -> dict:
-    versions = {}
-    for pkg in ("edgekit", "numpy", "torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
-                "onnxruntime-qnn", "openvino", "tokenizers", "safetensors"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    versions = package_versions(("edgekit", "numpy", "torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+                                 "onnxruntime-qnn", "openvino", "tokenizers", "safetensors"))
+    cpu = cpu_name()
     try:
         import onnxruntime
 
