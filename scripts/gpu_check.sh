@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a machine with an NVIDIA GPU: train a tiny model, export it, run parity on the
-# `gpu` target (fp32, fp16) and a short generation benchmark, in a single call.
+# `gpu` target (fp32, fp16, 4-bit) and a short generation benchmark, in a single call.
 #
 #   bash scripts/gpu_check.sh            # work folder: ${OUT:-/tmp/edgekit-gpu-check}
 #
@@ -44,32 +44,15 @@ echo "== export (fp32 + fp16)"
 echo "== fit on the gpu target"
 "$PY" -m toolkit fit "$WORK/bundle" --target gpu
 
-echo "== parity: gpu x fp32, fp16"
-"$PY" -m toolkit parity "$WORK/bundle" --targets gpu --precisions fp32,fp16 --report "$WORK/parity" --no-record
+echo "== quantize: 4-bit (MatMulNBits) for the gpu target"
+"$PY" -m toolkit quantize "$WORK/bundle" --precision int4 --target gpu || exit 1
+
+echo "== parity: gpu x fp32, fp16, int4"
+"$PY" -m toolkit parity "$WORK/bundle" --targets gpu --precisions fp32,fp16,int4 --report "$WORK/parity" --no-record
 PARITY=$?
 
-echo "== bench: prefill + 64 greedy tokens, gpu vs cpu"
-"$PY" - "$WORK/bundle" <<'PY' | tee "$WORK/bench.txt"
-import json, sys, time
-import numpy as np
-from toolkit import runtime
-bundle = sys.argv[1]
-results = []
-for target, precision in (("cpu", "fp32"), ("gpu", "fp32"), ("gpu", "fp16")):
-    try:
-        s = runtime.load(bundle, target=target, precision=precision)
-    except Exception as exc:
-        print(f"{target}/{precision}: not run ({type(exc).__name__}: {exc})")
-        continue
-    prompt = [int(i) for i in np.random.default_rng(0).integers(4, s.config.vocab_size, 32)]
-    list(s.generate_ids(prompt, max_new_tokens=4))  # warm-up
-    t0 = time.perf_counter(); s.forward(np.asarray([prompt])); prefill = time.perf_counter() - t0
-    t0 = time.perf_counter(); n = len(list(s.generate_ids(prompt, max_new_tokens=64))); total = time.perf_counter() - t0
-    row = {"target": target, "precision": precision, "device": s.device, "prefill_ms": round(prefill * 1e3, 2),
-           "tokens": n, "tokens_per_s": round(n / total, 1)}
-    results.append(row)
-    print(json.dumps(row))
-PY
+echo "== bench: prefill + 64 greedy tokens, cpu and gpu variants vs PyTorch eager (CPU)"
+"$PY" -m toolkit bench "$WORK/bundle" --targets cpu,gpu --repeats 3 --report "$WORK/bench"
 
 echo "== done: parity exit code $PARITY; report in $WORK/parity, log in $LOG"
 exit $PARITY

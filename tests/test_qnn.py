@@ -187,3 +187,54 @@ def test_openvino_npu_preflight_and_missing_device(npu_bundle, monkeypatch):
     assert summary["device"]["usable"] is False and "device NPU not present" in summary["device"]["reason"]
     with pytest.raises(TargetUnavailable, match="device NPU not present"):
         runtime.load(bundle, target="openvino-npu", precision="fp16")
+
+
+@needs_qnn
+def test_first_divergence_on_qnn_names_the_perturbed_layer(npu_bundle, trained, tmp_path):
+    """The first-divergence search runs on the NPU graphs themselves: the honest QDQ prefill graph has no
+    hidden state beyond the a16w8 localisation tolerance on qnn-htp; one whose layers.1 post-attention norm
+    weight is tripled (its quantization scale) is located at block 1, with block 0 still within tolerance."""
+    import onnx
+    from onnx import numpy_helper
+
+    from toolkit import targets
+    from toolkit.parity_debug import locate_static
+
+    bundle, _ = npu_bundle
+    _, model, tok = trained
+    ids = np.asarray(_ids(tok)[: WINDOW + 8], np.int64)[None]  # longer than the window: the first W are used
+    qnn = targets.get("qnn-htp")
+    prefill = bundle / "qnn-htp" / "prefill.onnx"
+    honest = locate_static(prefill, WINDOW, qnn, model, ids, "a16w8", 0.1)
+    print("honest", [e["rel_err"] for e in honest["per_layer"]])
+    assert honest["status"] == "none" and honest["method"] == "graph-surgery", honest
+    assert len(honest["per_layer"]) == 3 and all(e["rel_err"] < 0.1 for e in honest["per_layer"])
+
+    graph = onnx.load(str(prefill))
+    (scale,) = [t for t in graph.graph.initializer if t.name == "model.layers.1.post_attention_layernorm.weight_scale"]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 3, scale.name))
+    onnx.save(graph, str(tmp_path / "bad.onnx"))
+    bad = locate_static(tmp_path / "bad.onnx", WINDOW, qnn, model, ids, "a16w8", 0.1)
+    print("bad", [e["rel_err"] for e in bad["per_layer"]])
+    assert bad["status"] == "found" and bad["layer"] == 1 and bad["hidden_state"] == 2, bad
+    assert bad["per_layer"][1]["rel_err"] < 0.1 < bad["per_layer"][2]["rel_err"]
+
+
+@needs_qnn
+def test_failing_qnn_parity_runs_the_search_on_the_prefill_graph(npu_bundle, monkeypatch):
+    """A qnn-htp result that fails its thresholds (here an impossible max_abs limit) carries a
+    first-divergence search done on the static prefill graph, not an "n/a"."""
+    import dataclasses
+
+    from toolkit import parity
+
+    profiles = parity.target_profiles.all_targets()
+    strict = dataclasses.replace(profiles["qnn-htp"], thresholds={
+        "a16w8": {**profiles["qnn-htp"].thresholds["a16w8"], "max_abs_max": 1e-9}})
+    monkeypatch.setattr(parity.target_profiles, "all_targets", lambda *a: {**profiles, "qnn-htp": strict})
+    report = parity.run(npu_bundle[0], targets=["qnn-htp"], windows=2, decode_steps=4, record=False, log=lambda *_: None)
+    (r,) = report["results"]
+    assert r["status"] == "fail" and "max_abs" in r["reason"]
+    fd = r["first_divergence"]
+    assert fd["method"] == "graph-surgery" and fd["status"] in ("none", "found"), fd
+    assert len(fd["per_layer"]) == 3 and all(e["rel_err"] is not None for e in fd["per_layer"])

@@ -306,15 +306,20 @@ def evaluate(bundle: Bundle, target, precision: str, ref: Reference, debug: bool
 def first_divergence(bundle: Bundle, variant, target, ref: Reference, settings: dict) -> dict:
     from . import parity_debug
 
-    if target.static_shapes:
-        return {"status": "n/a", "reason": f"{target.name} needs static shapes; the search feeds a dynamic window"}
-    if not variant.model.endswith(".onnx"):
-        return {"status": "n/a", "reason": f"{variant.model} is not an ONNX graph (the search adds outputs to ONNX graphs)"}
+    static = variant.export.get("static")
+    model = variant.export["prefill"] if static else variant.model
+    if target.static_shapes and not static:
+        return {"status": "n/a", "reason": f"{target.name} needs static shapes; {variant.name} is not a static variant"}
+    if not model.endswith(".onnx"):
+        return {"status": "n/a", "reason": f"{model} is not an ONNX graph (the search adds outputs to ONNX graphs)"}
     ids = ref.windows[0][None, :-1]
     tol = settings.get("first_divergence_rel_err")
     try:
         with _threads(ref.model):
-            result = parity_debug.locate(bundle.path_of(variant.model), target, ref.model, ids, variant.precision, tol)
+            if static:  # the prefill graph of the pair: one teacher-forced window on the target's EP
+                return parity_debug.locate_static(bundle.path_of(model), int(variant.export["window"]), target,
+                                                  ref.model, ids, variant.precision, tol)
+            result = parity_debug.locate(bundle.path_of(model), target, ref.model, ids, variant.precision, tol)
             if result["status"] == "n/a" and variant.precision == "fp32" and ref.info["sha256_matches_manifest"]:
                 result = parity_debug.locate_by_debug_export(ref.model, target, ids, tol)
         return result

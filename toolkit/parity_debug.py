@@ -7,7 +7,9 @@ with the PyTorch module scopes it came from (metadata `pkg.torch.onnx.name_scope
 (B, T, d_model) tensor produced outside every block and consumed by `layers.0`. Nodes added after export
 (quantizers, casts) carry no scope and inherit the scope of their first input's producer. Those tensors are
 added as extra graph outputs, one teacher-forced window runs on the target (through toolkit.runtime), and each
-is compared with the PyTorch reference's `hidden_states`.
+is compared with the PyTorch reference's `hidden_states`. Static NPU variants (QDQ pairs on qnn-htp): the
+same surgery on the prefill graph, run with the generation session's single-EP settings (nothing on the
+CPU), the window's first positions compared (`locate_static`).
 
 Method 2, debug export (fp32 only, when the graph carries no scopes): re-export the reference with
 `export_onnx(..., debug_hidden=True)` and run it on the target: that localises exporter or
@@ -133,13 +135,15 @@ def _compare(ref_hidden: list[np.ndarray], cand: dict[int, np.ndarray], ref_logi
     return out
 
 
-def locate(model_path: Path, target, ref_model, ids: np.ndarray, precision: str, tol: float | None = None) -> dict:
-    """Graph surgery on the candidate ONNX file, run on `target`; {"status": "found"|"none"|"n/a", ...}."""
+def _surgery(model_path: Path, ref_model, ids: np.ndarray, precision: str, tol: float | None, run) -> dict:
+    """Add every block-output candidate of the ONNX file as a graph output, run it with run(path) ->
+    {output: array} (hidden states (1, W >= T, d_model), the first T positions compared), compare."""
     import onnx
     import torch
 
     tol = tol if tol is not None else DEFAULT_HIDDEN_REL_ERR.get(precision, FALLBACK_HIDDEN_REL_ERR)
     cfg = ref_model.cfg
+    T = ids.shape[1]
     with torch.no_grad():
         ref_out = ref_model(torch.from_numpy(ids), output_hidden_states=True)
     model = onnx.load(str(model_path))
@@ -153,21 +157,46 @@ def locate(model_path: Path, target, ref_model, ids: np.ndarray, precision: str,
         path = Path(tmp) / "debug.onnx"
         onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_500_000_000)
         del model
-        values = _run_graph(path, cfg, target, precision, ids)
-    want = (1, ids.shape[1], cfg.d_model)
+        values = run(path)
     cand_hidden = {}
     for j, tensors in cands.items():
-        fits = [values[n] for n in tensors if n in values and values[n].shape == want
-                and np.issubdtype(values[n].dtype, np.floating)]
+        fits = [values[n] for n in tensors if n in values and np.issubdtype(values[n].dtype, np.floating)
+                and values[n].ndim == 3 and values[n].shape[0] == 1 and values[n].shape[1] >= T
+                and values[n].shape[2] == cfg.d_model]
         if fits:
-            cand_hidden[j] = fits[-1]  # the last one produced: the block's final residual / norm
+            cand_hidden[j] = fits[-1][:, :T]  # the last one produced: the block's final residual / norm
     missing = [j for j in range(cfg.n_layers + 1) if j not in cand_hidden]
     if missing:
         return {"status": "n/a", "reason": f"could not locate hidden states {missing} in the candidate graph"}
+    logits = values.get("logits")
     result = _compare([h.numpy() for h in ref_out.hidden_states], cand_hidden, ref_out.logits.numpy(),
-                      values.get("logits"), tol)
+                      None if logits is None else logits[:, :T], tol)
     result["method"] = "graph-surgery"
     return result
+
+
+def locate(model_path: Path, target, ref_model, ids: np.ndarray, precision: str, tol: float | None = None) -> dict:
+    """Graph surgery on the candidate ONNX file, run on `target`; {"status": "found"|"none"|"n/a", ...}."""
+    run = lambda path: _run_graph(path, ref_model.cfg, target, precision, ids)  # noqa: E731
+    return _surgery(model_path, ref_model, ids, precision, tol, run)
+
+
+def locate_static(prefill_path: Path, window: int, target, ref_model, ids: np.ndarray, precision: str,
+                  tol: float | None = None) -> dict:
+    """Graph surgery on a static prefill graph over `window` positions (NPU variants), run on `target` with
+    the same single-EP session as generation (toolkit.runtime.static.Graph): the first min(T, window)
+    tokens fill the window (right padding) and those positions are compared."""
+    from .runtime.static import Graph
+
+    ids = ids[:, :window]
+    n = ids.shape[1]
+
+    def run(path):
+        feeds = {k: np.zeros((1, window), np.int64) for k in ("input_ids", "position_ids", "attention_mask")}
+        feeds["input_ids"][0, :n], feeds["position_ids"][0, :n], feeds["attention_mask"][0, :n] = ids[0], np.arange(n), 1
+        return Graph(path, target, precision).run(feeds)
+
+    return _surgery(prefill_path, ref_model, ids, precision, tol, run)
 
 
 def locate_by_debug_export(ref_model, target, ids: np.ndarray, tol: float | None = None) -> dict:

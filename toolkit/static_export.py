@@ -160,7 +160,9 @@ def reciprocal_mul_to_div(model) -> int:
         drop.add(id(node))
         for u in users:
             other = u.input[1] if u.input[0] == node.output[0] else u.input[0]
-            replace[id(u)] = helper.make_node("Div", [other, node.input[0]], list(u.output), name=f"{u.name}_div")
+            div = helper.make_node("Div", [other, node.input[0]], list(u.output), name=f"{u.name}_div")
+            div.metadata_props.extend(u.metadata_props)  # keep the module scope (first-divergence search)
+            replace[id(u)] = div
     nodes = [replace.get(id(n), n) for n in model.graph.node if id(n) not in drop]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
