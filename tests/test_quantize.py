@@ -126,8 +126,14 @@ def test_tied_embedding_shares_the_head_table(bundle_copy):
 
 
 def test_accuracy_level_and_padding(bundle_copy):
-    s = quantize(bundle_copy, "int4", "ort-int4-rtn", options=Options(group_size=64, accuracy_level=4), log=quiet)
+    """accuracy_level 4 (int8 activations) is the default; 0 leaves the fp32-compute kernels."""
+    quantize(bundle_copy, "int4", "ort-int4-rtn", options=Options(group_size=64, accuracy_level=0), log=quiet)
+    levels = {a.i for n in _graph(bundle_copy, "int4").graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"}
+    assert levels <= {0}
+    s = quantize(bundle_copy, "int4", "ort-int4-rtn", options=Options(group_size=64), log=quiet)
     g = _graph(bundle_copy, "int4").graph
+    assert any(n.op_type == "MatMulNBits" for n in g.node)
     for n in g.node:
         if n.op_type == "MatMulNBits":
             attrs = {a.name: a.i for a in n.attribute}

@@ -342,7 +342,7 @@ def configure_quantize(p):
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="4-bit / OpenVINO: symmetric weights (no zero points)")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="4-bit / OpenVINO: asymmetric weights (default)")
-    p.add_argument("--accuracy-level", type=int, metavar="N", help="ORT 4-bit: MatMulNBits accuracy_level (0 unset/fp32, 1 fp32, 4 int8 activations)")
+    p.add_argument("--accuracy-level", type=int, metavar="N", help="ORT 4-bit: MatMulNBits accuracy_level (default 4: int8 activations per block, ~1.8x faster decode at the same measured quality; 0 or 1: fp32)")
     p.add_argument("--calibration", metavar="PATH", help="calibration text for data-aware methods (file, folder of .txt, .jsonl); "
                    "default: the source checkpoint's training corpus, else the embedded corpus (seed 7)")
     p.add_argument("--calibration-method", help="ort-int8-static: minmax (default) | entropy | percentile")

@@ -100,7 +100,7 @@ DEFAULTS: dict[tuple[str, str], str] = {
     ("a16w8", "onnxruntime"): "qnn-qdq",
 }
 # method defaults for options the user did not give
-OPTION_DEFAULTS = {"group_size": 32, "symmetric": False, "accuracy_level": 0, "calibration_method": "minmax",
+OPTION_DEFAULTS = {"group_size": 32, "symmetric": False, "accuracy_level": 4, "calibration_method": "minmax",
                    "activation_type": "uint16"}
 
 
