@@ -77,3 +77,35 @@ def test_failed_openvino_build_leaves_bundle_identical(bundle_copy, monkeypatch)
     with pytest.raises(QuantizationError, match="simulated"):
         quantize(bundle_copy, "int8", "ov-int8-weights", log=quiet)
     assert tree_hashes(bundle_copy) == before
+
+
+def test_first_divergence_inside_an_ir_variant(bundle_copy, tiny_checkpoint, tmp_path):
+    """The search runs inside OpenVINO IR variants: an honest fp32 IR has every hidden state within 1e-4 of
+    PyTorch on openvino-cpu; an IR converted from an export whose layers.1 MLP was scaled fails parity and
+    the search, done in the IR itself, names block 1."""
+    import numpy as np
+    import torch
+
+    from toolkit import checkpoint, parity, targets
+    from toolkit.parity_debug import locate_ir
+
+    from test_parity import _bundle_from_model
+
+    model, _, ckpt = checkpoint.load(tiny_checkpoint)
+    ids = np.arange(5, 37, dtype=np.int64)[None]
+    quantize(bundle_copy, "fp32", "ov-ir", log=quiet)
+    honest = locate_ir(bundle_copy / "openvino-cpu-fp32" / "model.xml", bundle_copy / "fp32" / "model.onnx",
+                       targets.get("openvino-cpu"), model, ids, "fp32", 1e-4)
+    assert honest["status"] == "none" and all(e["rel_err"] < 1e-4 for e in honest["per_layer"]), honest
+
+    with torch.no_grad():
+        model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    bad = _bundle_from_model(model, ckpt, tmp_path / "bad")
+    quantize(bad, "fp32", "ov-ir", log=quiet)
+    report = parity.run(bad, targets=["openvino-cpu"], precisions=["fp32"], windows=2, decode_steps=4, record=False,
+                        log=quiet)
+    (r,) = report["results"]
+    assert r["status"] == "fail" and r["variant"] == "openvino-cpu-fp32", r["reason"]
+    fd = r["first_divergence"]
+    assert fd["status"] == "found" and fd["layer"] == 1 and fd["hidden_state"] == 2, fd
+    assert fd["method"] == "graph-surgery" and fd["per_layer"][1]["rel_err"] < 1e-5 < fd["per_layer"][2]["rel_err"]

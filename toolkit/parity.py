@@ -310,12 +310,21 @@ def first_divergence(bundle: Bundle, variant, target, ref: Reference, settings: 
     model = variant.export["prefill"] if static else variant.model
     if target.static_shapes and not static:
         return {"status": "n/a", "reason": f"{target.name} needs static shapes; {variant.name} is not a static variant"}
-    if not model.endswith(".onnx"):
-        return {"status": "n/a", "reason": f"{model} is not an ONNX graph (the search adds outputs to ONNX graphs)"}
+    source = None
+    if model.endswith(".xml") and not static:  # OpenVINO IR: block outputs are found in the ONNX variant it was built from
+        name = variant.export.get("source_variant", "fp32")
+        source = next((v.model for v in bundle.variants if v.name == name and v.model.endswith(".onnx")), None)
+        if source is None:
+            return {"status": "n/a", "reason": f"{model}: the bundle has no ONNX variant {name!r} to find its block outputs in"}
+    elif not model.endswith(".onnx"):
+        return {"status": "n/a", "reason": f"{model} is neither an ONNX graph nor an OpenVINO IR"}
     ids = ref.windows[0][None, :-1]
     tol = settings.get("first_divergence_rel_err")
     try:
         with _threads(ref.model):
+            if source is not None:
+                return parity_debug.locate_ir(bundle.path_of(model), bundle.path_of(source), target, ref.model, ids,
+                                              variant.precision, tol)
             if static:  # the prefill graph of the pair: one teacher-forced window on the target's EP
                 return parity_debug.locate_static(bundle.path_of(model), int(variant.export["window"]), target,
                                                   ref.model, ids, variant.precision, tol)

@@ -9,7 +9,9 @@ with the PyTorch module scopes it came from (metadata `pkg.torch.onnx.name_scope
 added as extra graph outputs, one teacher-forced window runs on the target (through toolkit.runtime), and each
 is compared with the PyTorch reference's `hidden_states`. Static NPU variants (QDQ pairs on qnn-htp): the
 same surgery on the prefill graph, run with the generation session's single-EP settings (nothing on the
-CPU), the window's first positions compared (`locate_static`).
+CPU), the window's first positions compared (`locate_static`). OpenVINO IR variants: OpenVINO keeps the
+ONNX tensor names, so the block outputs found in the source ONNX graph are added to the IR
+(`Model.add_outputs`) and run with the variant's compile settings (`locate_ir`).
 
 Method 2, debug export (fp32 only, when the graph carries no scopes): re-export the reference with
 `export_onnx(..., debug_hidden=True)` and run it on the target: that localises exporter or
@@ -135,29 +137,38 @@ def _compare(ref_hidden: list[np.ndarray], cand: dict[int, np.ndarray], ref_logi
     return out
 
 
-def _surgery(model_path: Path, ref_model, ids: np.ndarray, precision: str, tol: float | None, run) -> dict:
-    """Add every block-output candidate of the ONNX file as a graph output, run it with run(path) ->
-    {output: array} (hidden states (1, W >= T, d_model), the first T positions compared), compare."""
+def _onnx_with_outputs(model_path: Path, run_file):
+    """run(names) for an ONNX candidate: the file with `names` added as graph outputs, run by run_file(path)."""
     import onnx
+
+    def run(names: list[str]) -> dict[str, np.ndarray]:
+        model = onnx.load(str(model_path))
+        existing = {o.name for o in model.graph.output}
+        for name in names:
+            if name not in existing:
+                model.graph.output.append(onnx.ValueInfoProto(name=name))
+        with tempfile.TemporaryDirectory(prefix="edgekit-debug-") as tmp:
+            path = Path(tmp) / "debug.onnx"
+            onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_500_000_000)
+            del model
+            return run_file(path)
+
+    return run
+
+
+def _surgery(cands: dict[int, list[str]], ref_model, ids: np.ndarray, precision: str, tol: float | None, run) -> dict:
+    """Run the candidate with every block-output candidate as an extra output (run(names) -> {name: array},
+    hidden states (1, W >= T, d_model), the first T positions compared) and compare with the reference."""
     import torch
 
     tol = tol if tol is not None else DEFAULT_HIDDEN_REL_ERR.get(precision, FALLBACK_HIDDEN_REL_ERR)
     cfg = ref_model.cfg
     T = ids.shape[1]
-    with torch.no_grad():
-        ref_out = ref_model(torch.from_numpy(ids), output_hidden_states=True)
-    model = onnx.load(str(model_path))
-    cands = block_output_candidates(model.graph, cfg.n_layers)
     if not cands:
         return {"status": "n/a", "reason": "the candidate graph carries no module-scope metadata to locate block outputs"}
-    existing = {o.name for o in model.graph.output}
-    for name in dict.fromkeys(n for j in sorted(cands) for n in cands[j] if n not in existing):
-        model.graph.output.append(onnx.ValueInfoProto(name=name))
-    with tempfile.TemporaryDirectory(prefix="edgekit-debug-") as tmp:
-        path = Path(tmp) / "debug.onnx"
-        onnx.save(model, str(path), save_as_external_data=model.ByteSize() > 1_500_000_000)
-        del model
-        values = run(path)
+    with torch.no_grad():
+        ref_out = ref_model(torch.from_numpy(ids), output_hidden_states=True)
+    values = run(list(dict.fromkeys(n for j in sorted(cands) for n in cands[j])))
     cand_hidden = {}
     for j, tensors in cands.items():
         fits = [values[n] for n in tensors if n in values and np.issubdtype(values[n].dtype, np.floating)
@@ -175,10 +186,16 @@ def _surgery(model_path: Path, ref_model, ids: np.ndarray, precision: str, tol: 
     return result
 
 
+def _candidates(onnx_path: Path, n_layers: int) -> dict[int, list[str]]:
+    import onnx
+
+    return block_output_candidates(onnx.load(str(onnx_path), load_external_data=False).graph, n_layers)
+
+
 def locate(model_path: Path, target, ref_model, ids: np.ndarray, precision: str, tol: float | None = None) -> dict:
     """Graph surgery on the candidate ONNX file, run on `target`; {"status": "found"|"none"|"n/a", ...}."""
-    run = lambda path: _run_graph(path, ref_model.cfg, target, precision, ids)  # noqa: E731
-    return _surgery(model_path, ref_model, ids, precision, tol, run)
+    run = _onnx_with_outputs(model_path, lambda path: _run_graph(path, ref_model.cfg, target, precision, ids))
+    return _surgery(_candidates(model_path, ref_model.cfg.n_layers), ref_model, ids, precision, tol, run)
 
 
 def locate_static(prefill_path: Path, window: int, target, ref_model, ids: np.ndarray, precision: str,
@@ -191,12 +208,45 @@ def locate_static(prefill_path: Path, window: int, target, ref_model, ids: np.nd
     ids = ids[:, :window]
     n = ids.shape[1]
 
-    def run(path):
+    def run_file(path):
         feeds = {k: np.zeros((1, window), np.int64) for k in ("input_ids", "position_ids", "attention_mask")}
         feeds["input_ids"][0, :n], feeds["position_ids"][0, :n], feeds["attention_mask"][0, :n] = ids[0], np.arange(n), 1
         return Graph(path, target, precision).run(feeds)
 
-    return _surgery(prefill_path, ref_model, ids, precision, tol, run)
+    run = _onnx_with_outputs(prefill_path, run_file)
+    return _surgery(_candidates(prefill_path, ref_model.cfg.n_layers), ref_model, ids, precision, tol, run)
+
+
+def locate_ir(xml_path: Path, source_onnx: Path, target, ref_model, ids: np.ndarray, precision: str,
+              tol: float | None = None) -> dict:
+    """Graph surgery on an OpenVINO IR variant (converted from, or compressed from, the bundle's ONNX
+    `source_onnx`): OpenVINO keeps the ONNX tensor names, so the block outputs found in the ONNX graph's
+    scopes are added as outputs of the IR (`Model.add_outputs`) and run on the target with the variant's own
+    compile settings (precision hint included)."""
+    import openvino as ov
+
+    def run(names: list[str]) -> dict[str, np.ndarray]:
+        model = ov.Core().read_model(str(xml_path))
+        ports = {}
+        for op in model.get_ordered_ops():
+            for out in op.outputs():
+                for name in out.get_names():
+                    ports.setdefault(name, out)
+        wanted = [n for n in names if n in ports]
+        if wanted:
+            model.add_outputs([ports[n] for n in wanted])
+        with tempfile.TemporaryDirectory(prefix="edgekit-debug-") as tmp:
+            path = Path(tmp) / "debug.xml"
+            ov.save_model(model, str(path), compress_to_fp16=False)
+            del model
+            values = _run_graph(path, ref_model.cfg, target, precision, ids)
+        for n in wanted:  # an output answers to any one of its tensor's names
+            alias = next((a for a in ports[n].get_names() if a in values), None)
+            if alias is not None:
+                values[n] = values[alias]
+        return values
+
+    return _surgery(_candidates(source_onnx, ref_model.cfg.n_layers), ref_model, ids, precision, tol, run)
 
 
 def locate_by_debug_export(ref_model, target, ids: np.ndarray, tol: float | None = None) -> dict:
