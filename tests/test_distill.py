@@ -53,10 +53,12 @@ def test_loss_hand_computed():
 def test_topk_loss_hand_computed():
     teacher = torch.tensor([[[2.0, 1.0, 0.0, -5.0]]])
     values, indices = teacher.topk(2, dim=-1)
-    student = torch.zeros(1, 1, 4)  # q = 1/4 everywhere
+    student = torch.tensor([[[0.0, math.log(3.0), 5.0, 7.0]]])  # renormalised over ids 0, 1: q = 1/4, 3/4
     p = [math.exp(2) / (math.exp(2) + math.e), math.e / (math.exp(2) + math.e)]  # teacher renormalised over top-2
-    want = sum(pi * (math.log(pi) - math.log(0.25)) for pi in p)
+    want = p[0] * (math.log(p[0]) - math.log(0.25)) + p[1] * (math.log(p[1]) - math.log(0.75))
     assert topk_kl_divergence(student, values, indices).item() == pytest.approx(want, abs=1e-6)
+    # the student's mass outside the teacher's top-k (ids 2, 3 here) is left to the cross-entropy term
+    assert topk_kl_divergence(student + torch.tensor([0.0, 0.0, 9.0, 9.0]), values, indices).item() == pytest.approx(want, abs=1e-6)
     # with k = vocab the top-k KL is the full KL
     torch.manual_seed(0)
     s, t = torch.randn(2, 3, 7), torch.randn(2, 3, 7) * 3
