@@ -98,3 +98,18 @@ def test_pipeline_refuses_a_different_recipe_and_unknown_target(pipeline_dir, ca
                  str(pipeline_dir / "out"), "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(_args(pipeline_dir, "--targets", "nope")) == 2
+
+
+def test_quantize_step_reports_the_static_pair_size(pipeline_dir, tmp_path):
+    """The pipeline's quantize line gives the qnn-htp pair's size (read from the manifest), not "n/a"."""
+    import re
+    import shutil
+
+    from toolkit.pipeline import quantize_step
+
+    if not (pipeline_dir / "out" / "bundle").exists():
+        pytest.skip("needs the end-to-end run")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(pipeline_dir / "out" / "bundle", bundle)
+    note, failed = quantize_step(bundle, ["qnn-htp"], log=lambda *_: None)
+    assert not failed and re.fullmatch(r"added qnn-htp \d+(\.\d+)? [KM]?B", note), note

@@ -98,7 +98,12 @@ def quantize_step(bundle_dir: Path, targets: list[str] | None, log) -> tuple[str
                 continue
             try:
                 s = quantize.quantize(bundle_dir, precision=precision, target=name, log=log)
-                added.append(f"{s['variant']} {_size(s.get('bytes'))}")
+                size = s.get("bytes")
+                if size is None:  # the static qnn-htp pair reports no size: read it from the manifest
+                    b = Bundle.open(bundle_dir, verify=False)
+                    v = next((v for v in b.variants if v.name == s["variant"]), None)
+                    size = None if v is None else sum(b.manifest["files"][f]["bytes"] for f in v.files)
+                added.append(f"{s['variant']} {_size(size)}")
             except ToolkitError as exc:
                 failed.append(f"{name}/{precision}: {exc}")
                 log(f"quantization: {name}/{precision} failed: {exc}")
