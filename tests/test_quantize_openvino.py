@@ -13,11 +13,7 @@ pytest.importorskip("nncf", reason="nncf is not installed (pip install nncf)")
 from toolkit.errors import BundleError, QuantizationError  # noqa: E402
 from toolkit.quantize import Options, quantize  # noqa: E402
 
-from test_quantize import _bad, tree_hashes  # noqa: E402
-
-
-def quiet(*_):
-    pass
+from test_quantize import _bad, quiet, tree_hashes  # noqa: E402
 
 
 @pytest.mark.parametrize("precision,method", [("int8", "ov-int8-weights"), ("int4", "ov-int4-weights"),

@@ -319,6 +319,11 @@ class Bundle:
     def path_of(self, relpath: str) -> Path:
         return _safe_path(self.root, relpath)
 
+    def variant_bytes(self, variant: Variant) -> int:
+        """Bytes of a variant's files, as the manifest records them (the shared tokenizer not counted)."""
+        files = self.manifest["files"]
+        return sum(int(files[f]["bytes"]) for f in variant.files if f in files)
+
     def variant(self, precision: str, target: str | None = None) -> Variant:
         """The variant with this precision (and meant for `target`, when given)."""
         matches = [v for v in self.variants if v.precision == precision and (target is None or target in v.targets)]

@@ -200,7 +200,7 @@ def run_export(a):
                          external_data=True if a.external_data else None)
     bundle = Bundle.open(path)
     for v in bundle.variants:
-        size = sum(bundle.manifest["files"][f]["bytes"] for f in v.files) / 1e6
+        size = bundle.variant_bytes(v) / 1e6
         print(f"  {v.name:6s} {v.model:20s} {size:8.2f} MB  export {v.export.get('seconds', 0):.1f} s  "
               f"max |logits - PyTorch| {v.export.get('check_max_abs', float('nan')):.2e}  targets: {', '.join(v.targets)}")
     print(f"bundle: {path}  ({bundle.manifest['export']['seconds']:.1f} s)")

@@ -237,10 +237,6 @@ def actual_precision(session, precision: str) -> str:
     return (getattr(session.target, "compute", None) or {}).get(precision, precision)
 
 
-def _variant_bytes(bundle: Bundle, variant) -> int:
-    return sum(int(bundle.manifest["files"][f]["bytes"]) for f in variant.files if f in bundle.manifest["files"])
-
-
 def blank_result(target: str, precision: str | None, reason: str = "") -> dict:
     """A result with every stable key; status "unavailable" until something runs."""
     return {"target": target, "precision": precision, "status": "unavailable", "reason": reason, "variant": None,
@@ -261,7 +257,7 @@ def evaluate(bundle: Bundle, target, precision: str, ref: Reference, debug: bool
     except BundleError as exc:
         res["reason"] = str(exc)
         return res
-    res.update(variant=variant.name, size_bytes=_variant_bytes(bundle, variant))
+    res.update(variant=variant.name, size_bytes=bundle.variant_bytes(variant))
     if precision not in target.thresholds:
         res.update(status="fail", reason=f"target profile {target.name!r} has no [thresholds.{precision}] table; "
                    "add one (see docs/parity.md)")
@@ -281,7 +277,7 @@ def evaluate(bundle: Bundle, target, precision: str, ref: Reference, debug: bool
     picked = getattr(session, "variant", None)  # the runtime may prefer another variant (e.g. a fused graph)
     if getattr(picked, "name", variant.name) != variant.name:
         variant = picked
-        res.update(variant=variant.name, size_bytes=_variant_bytes(bundle, variant))
+        res.update(variant=variant.name, size_bytes=bundle.variant_bytes(variant))
     res["actual_precision"] = actual_precision(session, precision)
     try:
         metrics, series = compare(session, ref, settings["near_tie_margin"])

@@ -98,12 +98,7 @@ def quantize_step(bundle_dir: Path, targets: list[str] | None, log) -> tuple[str
                 continue
             try:
                 s = quantize.quantize(bundle_dir, precision=precision, target=name, log=log)
-                size = s.get("bytes")
-                if size is None:  # the static qnn-htp pair reports no size: read it from the manifest
-                    b = Bundle.open(bundle_dir, verify=False)
-                    v = next((v for v in b.variants if v.name == s["variant"]), None)
-                    size = None if v is None else sum(b.manifest["files"][f]["bytes"] for f in v.files)
-                added.append(f"{s['variant']} {_size(size)}")
+                added.append(f"{s['variant']} {_size(s.get('bytes'))}")
             except ToolkitError as exc:
                 failed.append(f"{name}/{precision}: {exc}")
                 log(f"quantization: {name}/{precision} failed: {exc}")
@@ -124,7 +119,7 @@ def summary(recipe, out: Path, ckpt: Path, notes: dict, report: dict) -> str:
     from .bundle import Bundle
 
     b = Bundle.open(out / "bundle", verify=False)
-    sizes = {v.name: sum(b.manifest["files"][f]["bytes"] for f in v.files) for v in b.variants}
+    sizes = {v.name: b.variant_bytes(v) for v in b.variants}
     total = sum(e["bytes"] for e in b.manifest["files"].values())
     lines = [f"pipeline {recipe.name} -> {out}",
              f"  model       {report['reference']['params']:,} parameters ({recipe.model.n_layers} layers, d_model {recipe.model.d_model})",

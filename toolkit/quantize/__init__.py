@@ -309,7 +309,7 @@ def fp32_variant(bundle):
 
 
 def fp32_bytes(bundle) -> int:
-    return sum(int(bundle.manifest["files"][f]["bytes"]) for f in fp32_variant(bundle).files)
+    return bundle.variant_bytes(fp32_variant(bundle))
 
 
 def smoke(model: Path, bundle, target, precision: str) -> dict:
@@ -360,16 +360,9 @@ def build(bundle, method: Method, precision: str, target, options: Options, work
 
 
 def _versions(method: Method) -> dict:
-    import importlib.metadata
+    from ..sysinfo import package_versions
 
-    pkgs = ("onnxruntime", "onnx") if method.runtime == "onnxruntime" else ("openvino", "nncf")
-    out = {}
-    for p in pkgs:
-        try:
-            out[p] = importlib.metadata.version(p)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+    return package_versions(("onnxruntime", "onnx") if method.runtime == "onnxruntime" else ("openvino", "nncf"))
 
 
 def install(bundle, out: Output, work: Path, name: str, targets: list[str], precision: str):

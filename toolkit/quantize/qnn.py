@@ -10,9 +10,17 @@ from __future__ import annotations
 
 
 def build_variant(bundle_path, options, log=print) -> dict:
+    from ..bundle import Bundle
     from ..npu import build_qnn_variant
+    from . import fp32_bytes
 
     s = build_qnn_variant(bundle_path, calibration=options.calibration, log=log)
     lines = [f"  {k}: {v}" for k, v in s.items() if k not in ("variant", "precision")]
-    return {"variant": s["variant"], "precision": s["precision"], "method": "qnn-qdq", "target": "qnn-htp",
-            "summary": s, "lines": lines}
+    out = {"variant": s["variant"], "precision": s["precision"], "method": "qnn-qdq", "target": "qnn-htp",
+           "summary": s, "lines": lines}
+    bundle = Bundle.open(bundle_path, verify=False)
+    variant = next((v for v in bundle.variants if v.name == s["variant"]), None)
+    if variant is not None:  # sizes as every other method reports them
+        out["bytes"] = bundle.variant_bytes(variant)
+        out["ratio_to_fp32"] = round(out["bytes"] / fp32_bytes(bundle), 4)
+    return out
